@@ -23,12 +23,12 @@ $(BIN)/.installed: pyproject.toml
 wordnet:
 	@if [ -d /usr/share/wordnet ] || [ -n "$$NLTK_DATA" ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
-	  (apt-get install -y -q wordnet-base wordnet-sense-index >/dev/null 2>&1 || \
-	   (apt-get update -q >/dev/null && apt-get install -y -q wordnet-base wordnet-sense-index >/dev/null)); \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wordnet-base wordnet-sense-index >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wordnet-base wordnet-sense-index >/dev/null)); \
 	else echo "WordNet missing: install Debian's wordnet-base or set NLTK_DATA to a dir holding corpora/wordnet"; fi
 
 test: install
-	$(NS) 'ip link set lo up; $(TEST_ENV) $(BIN)/python -m pytest -q'
+	$(NS) 'ip link set lo up; $(TEST_ENV) $(BIN)/python -m pytest -q --timeout=900'
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
