@@ -50,6 +50,8 @@ class DigitsConfig:
     """Captions written per video, each mentioning only some of its attributes."""
     mention_prob: float = 0.35
     """Probability that a caption mentions a given true attribute."""
+    two_digit_prob: float = 0.5
+    """Probability that a video shows two digits (distinct classes) instead of one."""
     min_frames: int = 8
     """Shortest video, in frames."""
     max_frames: int = 20
@@ -108,6 +110,11 @@ class DataConfig:
     """Tokens kept per caption by the reader."""
     caption_sampling: str = "sample"
     """``sample``: one caption per video per epoch (seeded); ``all``: every caption is a training row."""
+    shuffle_buffer: int = 2000
+    """Rows in each training worker's local shuffle buffer (0 disables; raised to the batch size); each row
+    holds its video's frames, so this bounds memory (rows × frames × frame_dim × 2 bytes)."""
+    prefetch_batches: int = 2
+    """Training batches collated ahead of the step on a background thread."""
 
 
 @dataclass(frozen=True)
@@ -247,6 +254,8 @@ class RegistryConfig:
     """Alias that services pull (``models:/<name>@<alias>``)."""
     promote: str = "auto"
     """``auto``: move the alias when the model beats the current holder; ``always`` or ``never``."""
+    selection_metric: str = "rsum"
+    """Evaluation metric (a key of metrics.json, higher is better) that ``promote: auto`` compares."""
 
 
 @dataclass(frozen=True)
