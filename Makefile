@@ -3,7 +3,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
-NS := unshare -n sh -c
+# Ray binds every interface by default: where we may make a network namespace, run inside a loopback-only one.
+NS := $(shell if [ "$$(id -u)" = 0 ] && command -v unshare >/dev/null 2>&1; then echo 'unshare -n sh -c'; else echo 'sh -c'; fi)
+LO := ip link set lo up 2>/dev/null;
 TEST_ENV := RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled MLFLOW_DISABLE_TELEMETRY=true
 
 .PHONY: install wordnet test demo bench bench-quick clean
@@ -28,7 +30,10 @@ wordnet:
 	else echo "WordNet missing: install Debian's wordnet-base or set NLTK_DATA to a dir holding corpora/wordnet"; fi
 
 test: install
-	$(NS) 'ip link set lo up; $(TEST_ENV) $(BIN)/python -m pytest -q --timeout=900'
+	$(NS) '$(LO) $(TEST_ENV) $(BIN)/python -m pytest -q --timeout=900'
+
+demo: install
+	$(NS) '$(LO) RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m jobs.demo'
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
