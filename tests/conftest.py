@@ -68,7 +68,9 @@ def ray_cluster(s3_server):
     It depends on ``s3_server`` so the workers inherit the AWS endpoint environment."""
     import ray
 
+    # address="local": always start our own instance, never join a cluster another process left running.
     ray.init(
+        address="local",
         num_cpus=4,
         object_store_memory=512 * 1024**2,
         dashboard_host="127.0.0.1",

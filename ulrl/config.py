@@ -232,6 +232,8 @@ class TuneConfig:
     """Epochs a trial runs before ASHA may stop it."""
     driver_cpus: float = 0.01
     """CPU share of a trial's driver (it only waits on its TorchTrainer)."""
+    eval_trials: bool = True
+    """Evaluate every trial's best checkpoint on the val split (concept mAP, contradiction rate) for the table."""
 
 
 @dataclass(frozen=True)

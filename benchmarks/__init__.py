@@ -1,0 +1,1 @@
+"""Speed and quality benchmarks of ulrl: ``python -m benchmarks.run [--quick]`` (see docs/benchmarks.md)."""
