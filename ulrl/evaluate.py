@@ -219,8 +219,8 @@ def concept_report(videos: Encoded, captions: Encoded, caption_labels: np.ndarra
     for name, (labels, mask) in label_sets.items():
         scalars[f"concept_map_{name}"] = metrics.concept_map(probs, labels, mask)
         scalars[f"concept_auc_{name}"] = metrics.concept_auc(probs, labels, mask)
-        # per-column AP: the private helper of metrics.concept_map (see the report: ask to expose it)
-        ap, valid = metrics._column_average_precision(probs, labels, mask, 128)
+        # per-concept AP, the quantity concept_map averages
+        ap, valid = metrics.column_average_precision(probs, labels, mask, 128)
         per_concept[name] = [finite(a) if v else None for a, v in zip(ap.tolist(), valid.tolist())]
     scalars["contradiction_rate_video"] = metrics.contradiction_rate(probs, contradiction)
     scalars["contradiction_rate_caption"] = metrics.contradiction_rate(captions.probs, contradiction)

@@ -414,14 +414,14 @@ def concept_map(probs: Array, labels: Array, mask: Array | None = None, chunk: i
     items by that concept's probability. ``mask`` (N, K): 1 = entry included (e.g. only concepts a
     video's captions never mention). Tied probabilities form one threshold (scikit-learn's AP).
     """
-    ap, valid = _column_average_precision(probs, labels, mask, chunk)
+    ap, valid = column_average_precision(probs, labels, mask, chunk)
     return float(ap[valid].mean()) if valid.any() else float("nan")
 
 
 def concept_map_per_item(probs: Array, labels: Array, mask: Array | None = None, chunk: int = 128) -> float:
     """Mean over items (rows with ≥ 1 positive among included entries) of the AP of ranking that item's
     concepts by probability; ties and ``mask`` as in :func:`concept_map`."""
-    ap, valid = _column_average_precision(probs.T, labels.T, None if mask is None else mask.T, chunk)
+    ap, valid = column_average_precision(probs.T, labels.T, None if mask is None else mask.T, chunk)
     return float(ap[valid].mean()) if valid.any() else float("nan")
 
 
@@ -437,7 +437,7 @@ def _column_blocks(probs: Array, labels: Array, mask: Array | None, chunk: int):
         yield scores, positive
 
 
-def _column_average_precision(
+def column_average_precision(
     probs: Array, labels: Array, mask: Array | None, chunk: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(K,) tie-aware AP of ranking rows by each column's score, (K,) whether the column has a positive.
