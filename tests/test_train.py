@@ -109,6 +109,30 @@ def step_losses(cfg, run_name: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "step_loss"), key=lambda m: m.step)]
 
 
+def store_fingerprint(store_uri: str) -> str:
+    """sha256 of what the pinned losses depend on in the store: the training videos' columns (row order of
+    the store), the concept bank and the contradiction pairs."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+
+    from ulrl.data import train_columns
+    from ulrl.store import open_store
+
+    store = open_store(store_uri)
+    digest = hashlib.sha256(json.dumps([store.concepts, sorted(store.pairs)]).encode())
+    table = store.read_table("train", "videos", train_columns(store.manifest))
+    for name in table.column_names:
+        array = table[name].combine_chunks()
+        while pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type):
+            if pa.types.is_list(array.type):
+                digest.update(np.diff(array.offsets.to_numpy()).tobytes())  # row lengths
+            array = array.flatten()
+        digest.update(array.to_numpy(zero_copy_only=False).tobytes())
+    return digest.hexdigest()
+
+
 def repin(store_uri: str, tmp_path: Path) -> None:
     """Two uninterrupted runs must agree exactly; their step losses become the pinned numbers."""
     import torch
@@ -122,7 +146,7 @@ def repin(store_uri: str, tmp_path: Path) -> None:
         runs.append([value for _, value in step_losses(cfg, name)])
     assert runs[0] == runs[1], "two identical runs disagree: training is not deterministic"
     record = {"config": "jobs/configs/tiny.yaml", "overrides": list(PINNED_OVERRIDES), "torch": torch.__version__,
-              "step_loss": runs[0]}  # fmt: skip
+              "store_fingerprint": store_fingerprint(store_uri), "step_loss": runs[0]}  # fmt: skip
     PINNED.write_text(json.dumps(record, indent=1) + "\n")
 
 
@@ -135,7 +159,11 @@ def test_pinned_losses_and_resume_replays_epoch_two(ray_cluster, tiny_store, tmp
 
     if os.environ.get("ULRL_REPIN") == "1":
         repin(tiny_store["local"], tmp_path)
-    pinned = json.loads(PINNED.read_text())["step_loss"]
+    record = json.loads(PINNED.read_text())
+    if store_fingerprint(tiny_store["local"]) != record["store_fingerprint"]:
+        pytest.fail("the tiny store differs from the one the losses were pinned on (benchmark generator, store "
+                    "writer or tiny.yaml changed): if intended, re-pin with ULRL_REPIN=1")  # fmt: skip
+    pinned = record["step_loss"]
     first = run_training(tiny_config(tiny_store["local"], tmp_path, *PINNED_OVERRIDES, "train.name=pinned",
                                      "train.epochs=1"))  # fmt: skip
     assert first.metrics["epoch"] == 1
@@ -145,8 +173,8 @@ def test_pinned_losses_and_resume_replays_epoch_two(ray_cluster, tiny_store, tmp
 
     steps = step_losses(cfg, "pinned")
     assert [step for step, _ in steps] == list(range(1, 13))
-    assert [value for _, value in steps[:6]] == pytest.approx(pinned[:6], rel=1e-4)
-    assert [value for _, value in steps[6:]] == pytest.approx(pinned[6:], rel=1e-4)
+    assert [value for _, value in steps[:6]] == pytest.approx(pinned[:6], rel=1e-4), "epoch 1 moved off the pins"
+    assert [value for _, value in steps[6:]] == pytest.approx(pinned[6:], rel=1e-4), "resumed epoch 2 differs"
 
 
 # ---------------------------------------------------------------------------------------------- (c)

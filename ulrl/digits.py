@@ -51,7 +51,7 @@ STEP = {"left": (0, -1), "right": (0, 1), "upward": (-1, 0), "downward": (1, 0)}
 """Direction → (row, column) step of the content per frame, in units of the speed."""
 SPEED_PX = {"slow": 1, "fast": 3}
 SCALE = {"small": 1, "big": 2}
-NOISE_STD = 0.05
+NOISE_STD = 0.02
 """Gaussian pixel noise added to every frame."""
 
 
@@ -264,13 +264,13 @@ def _floored_std(x: torch.Tensor) -> torch.Tensor:
 class FrameFeaturizer:
     """A fixed, seeded random CNN that maps frames (N, H, W) to standardised features (N, feature_dim).
 
-    conv5×5 stride 2 (1→16) + ReLU → conv3×3 (16→128) + ReLU, then two poolings: the 4×4-grid average of 32
+    conv5×5 stride 2 (1→16) + ReLU → conv3×3 (16→128) + ReLU, then two poolings: the 4×4-grid average of 16
     channels says where the ink is (so motion shows across frames), the global max of all 128 says which
     strokes occur anywhere (so the digit's identity survives translation). Both blocks are standardised, mixed
-    by a fixed random projection (640 → F) and standardised again, with statistics of a calibration set.
+    by a fixed random projection (384 → F) and standardised again, with statistics of a calibration set.
     """
 
-    GRID_CHANNELS = 32
+    GRID_CHANNELS = 16
 
     def __init__(self, feature_dim: int, seed: int):
         rng = np.random.default_rng([seed, 3])
@@ -282,21 +282,21 @@ class FrameFeaturizer:
         self.conv1, self.bias1 = normal(1 / 5, 16, 1, 5, 5), normal(0.1, 16)
         self.conv2, self.bias2 = normal(1 / 12, 128, 16, 3, 3), normal(0.1, 128)
         pooled_dim = self.GRID_CHANNELS * 16 + 128
-        self.projection = normal(1 / np.sqrt(pooled_dim), pooled_dim, feature_dim)  # (640, F)
+        self.projection = normal(1 / np.sqrt(pooled_dim), pooled_dim, feature_dim)  # (384, F)
         self.pooled_stats = (torch.zeros(pooled_dim), torch.ones(pooled_dim))
         self.stats = (torch.zeros(feature_dim), torch.ones(feature_dim))
 
     @torch.inference_mode()
     def pooled(self, frames: np.ndarray, batch: int = 1024) -> torch.Tensor:
-        """Grid and peak features (N, 640) of frames (N, H, W), in slices of ``batch`` frames."""
+        """Grid and peak features (N, 384) of frames (N, H, W), in slices of ``batch`` frames."""
         out = []
         for start in range(0, len(frames), batch):
             x = torch.from_numpy(frames[start:start + batch])[:, None]  # (n, 1, H, W)
             # Stride 2 rather than conv + max-pool: half the CPU time, the full-size map never exists.
             x = F.relu_(F.conv2d(x, self.conv1, self.bias1, stride=2, padding=2))  # (n, 16, H/2, W/2)
             x = F.relu_(F.conv2d(x, self.conv2, self.bias2, padding=1))  # (n, 128, H/2, W/2)
-            grid = F.adaptive_avg_pool2d(x[:, :self.GRID_CHANNELS], 4).flatten(1)  # (n, 512)
-            out.append(torch.cat([grid, x.amax(dim=(2, 3))], dim=1))  # (n, 640)
+            grid = F.adaptive_avg_pool2d(x[:, :self.GRID_CHANNELS], 4).flatten(1)  # (n, 256)
+            out.append(torch.cat([grid, x.amax(dim=(2, 3))], dim=1))  # (n, 384)
         return torch.cat(out) if out else torch.zeros(0, len(self.projection))
 
     def _project(self, pooled: torch.Tensor) -> torch.Tensor:
