@@ -35,5 +35,11 @@ test: install
 demo: install
 	$(NS) '$(LO) RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m jobs.demo'
 
+bench: install
+	$(NS) '$(LO) $(TEST_ENV) $(BIN)/python -m benchmarks.run'
+
+bench-quick: install
+	$(NS) '$(LO) $(TEST_ENV) $(BIN)/python -m benchmarks.run --quick'
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
