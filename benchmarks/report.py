@@ -76,14 +76,16 @@ def data_feed_section(record: dict[str, Any]) -> list[str]:
 def scaling_section(record: dict[str, Any]) -> list[str]:
     res, params = record["results"], record["params"]
     rows = []
-    for n in params["worker_counts"]:
-        waits = [r["wait_share"] for r in res["runs"] if r["workers"] == n]
-        rows.append([str(n), f"{res['speedup'][str(n)]:.2f}×", _num(res["efficiency"][str(n)]),
-                     _pct(sum(waits) / len(waits), 0), str(len(waits))])
+    for dataset in ("streaming", "materialized"):
+        for n in params["worker_counts"]:
+            waits = [r["wait_share"] for r in res["runs"] if r["workers"] == n and r["dataset"] == dataset]
+            label = "streaming (shipped)" if dataset == "streaming" else "materialised once (candidate)"
+            rows.append([label, str(n), f"{res[dataset][str(n)]['speedup']:.2f}×",
+                         _num(res[dataset][str(n)]["efficiency"]), _pct(sum(waits) / len(waits), 0), str(len(waits))])
     head = (f"batch {params['batch_size_per_worker']} per worker, {'GPU' if params['use_gpu'] else 'CPU'} workers, "
             f"{params['cpus_per_worker']} CPU each, {params['measured_epochs']} measured epoch(s) per run.")
-    return [head, "", *_table(["workers", "speedup", "efficiency = rate(n) ÷ (n × rate(1))", "data-wait share", "runs"],
-                              rows)]
+    return [head, "", *_table(["train dataset", "workers", "speedup", "efficiency = rate(n) ÷ (n × rate(1))",
+                               "data-wait share", "runs"], rows)]
 
 
 def ranking_section(record: dict[str, Any]) -> list[str]:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import common, quality, ranking, report, stats, train_step
+from benchmarks import common, quality, ranking, report, scaling, stats, train_step
 from benchmarks.quality_eval import contradiction_flags
 from benchmarks.reference import (loop_mean, reference_likelihood, reference_triplet,
                                   reference_unlikelihood)  # fmt: skip
@@ -132,6 +132,16 @@ def test_write_record_holds_machine_versions_and_no_absolute_repo_path(tmp_path)
     assert str(REPO) not in json.dumps(data)
 
 
+def test_scaling_schedule_and_efficiency_hand_values():
+    assert scaling.schedule((1, 2), 3) == [1, 2, 2, 1, 1, 2]
+    runs = [{"workers": n, "dataset": "streaming", "samples_per_s": rate}
+            for n, rate in ((1, 100.0), (2, 150.0), (2, 170.0), (1, 80.0), (4, 300.0))]
+    result = scaling.efficiencies(runs, (1, 2, 4), "streaming")  # medians: 90, 160, 300
+    assert result["2"]["speedup"] == pytest.approx(160 / 90)
+    assert result["2"]["efficiency"] == pytest.approx(160 / (2 * 90))
+    assert result["4"]["efficiency"] == pytest.approx(300 / (4 * 90))
+
+
 # ---------------------------------------------------------------------------------------------- ranking
 
 
@@ -232,8 +242,10 @@ def test_tiny_run_of_the_ray_benchmarks(tmp_path):
     feed = json.loads((out / "data_feed.json").read_text())
     assert feed["results"]["rows"]["ray_data"] > 0 and 0 <= feed["results"]["training"]["wait_share"] <= 1
     scaling = json.loads((out / "scaling.json").read_text())
-    assert [r["workers"] for r in scaling["results"]["runs"]] == [1, 2]
-    assert scaling["results"]["efficiency"]["2"] > 0 and scaling["results"]["efficiency"]["1"] == 1.0
+    assert [(r["workers"], r["dataset"]) for r in scaling["results"]["runs"]] == [
+        (1, "streaming"), (1, "materialized"), (2, "streaming"), (2, "materialized")]
+    for dataset in ("streaming", "materialized"):
+        assert scaling["results"][dataset]["1"]["efficiency"] == 1.0 and scaling["results"][dataset]["2"]["efficiency"] > 0
     result = json.loads((out / "quality.json").read_text())
     assert set(result["results"]["variants"]) == {"likelihood", "ul_0.1"}
     assert {t["measure"] for t in result["results"]["tests"]} >= {"contradiction (per video)"}
