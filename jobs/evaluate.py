@@ -16,6 +16,7 @@ import argparse
 import sys
 from typing import Any
 
+from jobs._cli import job_parser
 from ulrl.checkpoint import CheckpointError
 from ulrl.config import ConfigError, load_config
 from ulrl.model import ModelDimsError
@@ -45,10 +46,7 @@ def summary(scalars: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config file (defaults apply without one)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return parser.parse_args(argv)
+    return job_parser("evaluate", __doc__).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

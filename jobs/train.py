@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs._cli import job_parser
 from ulrl.config import ConfigError, load_config
 from ulrl.raycluster import ResourceError, prefer_loopback
 from ulrl.store import StoreError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config file (defaults apply without one)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return parser.parse_args(argv)
+    return job_parser("train", __doc__).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs._cli import job_parser
 from ulrl.config import ConfigError, JobConfig, apply_overrides, load_config
 
 VAL_KEYS = ("concept_map_caption", "concept_map_true", "concept_map_unmentioned", "contradiction_rate_video",
@@ -268,10 +269,7 @@ def run(cfg: JobConfig) -> SweepReport:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config file (defaults apply without one)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return parser.parse_args(argv)
+    return job_parser("tune", __doc__).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
